@@ -1,0 +1,30 @@
+r"""Functional cores of the :mod:`wsigraph.nn` layers."""
+from wsigraph.nn.functional.sinkhorn import (
+    padded_row_index,
+    plan_marginals,
+    sinkhorn_log,
+    sinkhorn_log_flat,
+    smooth_log_plan,
+)
+from wsigraph.nn.functional.topk import (
+    dense_topk_mask,
+    group_sort,
+    rank_within_group,
+    topk_mask_per_group,
+    topk_per_group,
+    topk_per_group_dense,
+)
+
+__all__ = [
+    "padded_row_index",
+    "plan_marginals",
+    "sinkhorn_log",
+    "sinkhorn_log_flat",
+    "smooth_log_plan",
+    "dense_topk_mask",
+    "group_sort",
+    "rank_within_group",
+    "topk_mask_per_group",
+    "topk_per_group",
+    "topk_per_group_dense",
+]
