@@ -53,13 +53,15 @@ where :math:`s_c` is the lesion component carried by child :math:`c` (so a paren
 :math:`\gamma\,\bar s_{C_p}`). The floor of the fresh noise keeps a parent with a single child
 from copying it (such border parents are a little noisier, as real patches of little tissue are).
 
-With the defaults (:math:`\lambda = 3`, :math:`\gamma = 0.8`, :math:`\sigma = 1`) a lesion patch stands :math:`3\sigma` out of the noise at 20x, :math:`2.4\sigma`
-at 10x and :math:`1.9\sigma` at 5x inside a lesion, and much less at lesion borders, where a
-parent covers only a few lesion children; as lesions are small next to a 5x patch, most 5x lesion
-patches are border patches. A linear probe on single patches then scores an AUC of about 0.97 at
-20x, 0.84 at 10x and 0.65 at 5x (default cohort, half the slides to train, half to test). The slide offset :math:`\beta_s` and the tissue-type means (which
-project onto the lesion direction too) hide a lesion burden of 5–20 % in the slide mean, so mean
-pooling is visibly worse than an aggregator that finds the lesion patches.
+With the defaults (:math:`\lambda = 3`, :math:`\gamma = 0.8`, :math:`\sigma = 1`) a lesion patch
+stands :math:`3\sigma` out of the noise at 20x, :math:`2.4\sigma` at 10x and :math:`1.9\sigma`
+at 5x inside a lesion, and much less at lesion borders, where a parent covers only a few lesion
+children; as lesions are small next to a 5x patch, most 5x lesion patches are border patches. A
+linear probe on single patches then scores an AUC of about 0.97 at 20x, 0.84 at 10x and 0.65 at
+5x (default cohort, half the slides to train, half to test). The slide offset :math:`\beta_s`
+and the tissue-type means (which project onto the lesion direction too) hide a lesion burden of
+5–20 % in the slide mean, so mean pooling is visibly worse than an aggregator that finds the
+lesion patches.
 
 Tasks
 -----
@@ -365,8 +367,8 @@ class SyntheticCohort:
             parent_cells, parent = parent_cells[order], rank[parent]
             num_parents = parent_cells.shape[0]
             count = np.bincount(parent, minlength=num_parents).astype(np.float64)
-            base = _group_mean(base, parent, num_parents, count) + (
-                self.noise * np.sqrt(np.maximum(1.0 - 1.0 / count, 0.5))[:, None] * rng.standard_normal((num_parents, dim)))
+            fresh_noise = self.noise * np.sqrt(np.maximum(1.0 - 1.0 / count, 0.5))[:, None]
+            base = _group_mean(base, parent, num_parents, count) + fresh_noise * rng.standard_normal((num_parents, dim))
             signal = self.signal_retention * _group_mean(signal, parent, num_parents, count)
             parent_grade = np.zeros(num_parents, dtype=np.int64)
             np.maximum.at(parent_grade, parent, level_grade)
