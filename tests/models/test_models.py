@@ -1,10 +1,12 @@
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch_geometric.data import Batch
 
 from conftest import lattice
@@ -324,3 +326,16 @@ def test_patch_gnn_uses_adjacency(slides):
     del without[edge_type]
     with pytest.raises(KeyError, match="PatchGrid"):
         model(without)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_config_model_section_builds(path):
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(model, dict) or "name" not in model:
+        pytest.skip("no model section")
+    options = {key: value for key, value in model.items() if key != "name"}
+    assert "in_channels" not in options and "num_classes" not in options  # filled from the data
+    build_model(model["name"], in_channels=DIM, num_classes=2, **options)
