@@ -50,7 +50,9 @@ class CoordinatePPEG(nn.Module):
 
     Zero padding makes a slide's result independent of the other slides and of the grid's
     padding, and the output does not depend on the order of the patches. Patches sharing a
-    cell (duplicate coordinates) contribute their sum to the grid.
+    cell (duplicate coordinates) contribute their sum to the grid. Memory grows with the
+    bounding box of each slide's tissue in patches (:math:`B \times H \times W \times F`),
+    not with the number of patches.
 
     Args:
         channels (int): token width :math:`F`.
@@ -189,7 +191,10 @@ class TransMIL(PatchLevelMILModel):
     (2) no square padding with copied tokens: slides are padded and masked, so a batch gives
     each slide's own result; (3) positions from the coordinates, so the output does not depend
     on the order of the patches. Only the class token's row of the second layer is computed
-    (nothing else is used). Paper defaults: width 512, 8 heads, dropout 0.1, kernels 7/5/3.
+    (nothing else is used). Cost: the first layer's attention takes time :math:`O(N^2 F)` per
+    slide (memory :math:`O(N)` with the fused attention kernels), about :math:`2 \cdot 10^{13}`
+    FLOPs at :math:`N = 10^5`: cap ``max_patches_train`` or use a GPU for very large slides.
+    Paper defaults: width 512, 8 heads, dropout 0.1, kernels 7/5/3.
     Interpretation: ``attention`` = the class token's attention to each patch in the second
     layer, averaged over heads (the class token's share on itself left out, so a slide's
     values sum to at most one).
