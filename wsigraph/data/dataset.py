@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -200,7 +201,9 @@ class SlideGraphDataset(Dataset):
         if tasks:
             bar = tqdm(total=len(tasks), desc="Building slide graphs", unit="slide", disable=not self.progress)
             if self.num_workers > 0 and len(tasks) > 1:
-                with ProcessPoolExecutor(max_workers=self.num_workers) as pool:
+                # Forked children of a process that has run torch ops can deadlock in OpenMP.
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=self.num_workers, mp_context=context) as pool:
                     for result in pool.map(_build_one, tasks, chunksize=1):
                         results.append(result)
                         bar.update()
