@@ -30,10 +30,11 @@ def dataset_from_config(config: Mapping[str, Any], progress: bool = True) -> Sli
     transform = graph_transform(config.get("graph"))
     synthetic = data_config.get("synthetic")
     if synthetic is not None:
-        from wsigraph.data.synthetic import make_synthetic_cohort
-        cohort = make_synthetic_cohort(root / "cohort", **dict(synthetic))
-        labels = Path(cohort) / "labels.csv"
-        features = {float(m): Path(cohort) / "features" / f"{float(m):g}x" for m in _cohort_magnifications(cohort)}
+        from wsigraph.data.synthetic import SyntheticCohort
+        generator = SyntheticCohort(**dict(synthetic))
+        cohort = Path(generator.write(root / "cohort"))
+        labels = cohort / "labels.csv"
+        features = {float(m): cohort / d for m, d in generator.feature_dirs.items()}
     else:
         if "labels" not in data_config or "features" not in data_config:
             raise ValueError("the config needs data.labels and data.features (or data.synthetic)")
@@ -46,9 +47,3 @@ def dataset_from_config(config: Mapping[str, Any], progress: bool = True) -> Sli
         coords_dirs=_magnification_map(data_config.get("coords_dirs"), "coords_dirs"),
         on_error=data_config.get("on_error", "raise"), num_workers=int(data_config.get("num_workers", 0)),
         progress=progress)
-
-
-def _cohort_magnifications(cohort) -> list:
-    import json
-    with open(Path(cohort) / "cohort.json") as handle:
-        return list(json.load(handle)["magnifications"])

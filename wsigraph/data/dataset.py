@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from wsigraph.data.graph import build_slide_graph
 from wsigraph.data.readers import PathLike, SlideError, find_feature_file, read_slide
+from wsigraph.data.schema import is_level, level_magnification
 from wsigraph.io import atomic_write
 
 #: Bumped whenever the graph layout written to the cache changes.
@@ -277,7 +278,10 @@ class SlideGraphDataset(Dataset):
         stats = [graph_stats(self.get(i)) for i in range(len(self))]
         out: Dict[str, object] = {"slides": len(self), "skipped": len(self.skipped),
                                   "build_seconds": round(self.build_seconds, 2)}
-        keys = sorted({k for s in stats for k in s})
+        def order(key):  # patch levels low → high, then regions, then edges
+            name = key.split("/", 1)[-1]
+            return (0, level_magnification(name)) if is_level(name) else (1 if name == "region" else 2, 0)
+        keys = sorted({k for s in stats for k in s}, key=order)
         for key in keys:
             values = torch.tensor([s.get(key, 0) for s in stats], dtype=torch.float64)
             out[key] = {"total": int(values.sum()), "mean": round(float(values.mean()), 1),
