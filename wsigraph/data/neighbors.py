@@ -95,7 +95,8 @@ def _knn_brute(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor], batch_y:
     kk = min(k, x.size(0))
     for start in range(0, y.size(0), chunk):  # chunks bound memory, not a loop over slides
         y_chunk = y[start:start + chunk].float()
-        dist = torch.cdist(y_chunk, x)
+        # The matmul form of cdist loses digits on large coordinates; exactness matters here.
+        dist = torch.cdist(y_chunk, x, compute_mode="donot_use_mm_for_euclid_dist")
         if batch_x is not None and batch_y is not None:
             other = batch_y[start:start + chunk, None] != batch_x[None, :]
             dist = dist.masked_fill(other, float("inf"))
