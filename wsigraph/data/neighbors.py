@@ -42,8 +42,8 @@ def _separate_slides(pos: Tensor, batch: Optional[Tensor], offset: float) -> np.
 
 
 def _slide_offset(*positions: Tensor, margin: float = 0.0) -> float:
-    both = torch.cat([p.detach().reshape(-1, p.size(-1)) for p in positions]).double()
-    span = float((both.max(0).values - both.min(0).values).max()) if both.numel() else 0.0
+    both = np.concatenate([p.detach().cpu().double().numpy().reshape(-1, p.size(-1)) for p in positions])
+    span = float(np.ptp(both, axis=0).max()) if both.size else 0.0
     return 4.0 * (span + margin + 1.0)
 
 
@@ -69,7 +69,7 @@ def knn(x: Tensor, y: Tensor, k: int, batch_x: Optional[Tensor] = None,
         from scipy.spatial import cKDTree
         if (batch_x is None) != (batch_y is None):
             raise ValueError("Give both batch_x and batch_y or neither")
-        offset = _slide_offset(x, y)
+        offset = _slide_offset(x, y) if batch_x is not None else 0.0
         points_x = _separate_slides(x, batch_x, offset)
         points_y = _separate_slides(y, batch_y, offset)
         kk = min(k, len(points_x))
@@ -132,7 +132,8 @@ def radius_pairs(pos: Tensor, radius: float, batch: Optional[Tensor] = None, p: 
     from scipy.spatial import cKDTree
     if pos.size(0) < 2:
         return torch.empty(2, 0, dtype=torch.long, device=pos.device)
-    points = _separate_slides(pos, batch, _slide_offset(pos, margin=radius))
+    offset = _slide_offset(pos, margin=radius) if batch is not None else 0.0
+    points = _separate_slides(pos, batch, offset)
     pairs = cKDTree(points).query_pairs(radius, p=p, output_type="ndarray")
     pairs = torch.from_numpy(pairs.astype(np.int64)).to(pos.device)
     edge_index = torch.cat([pairs.t(), pairs.t().flip(0)], dim=1)
