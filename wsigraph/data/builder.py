@@ -29,7 +29,8 @@ def dataset_from_config(config: Mapping[str, Any], progress: bool = True) -> Sli
     root = Path(data_config.get("root", "data"))
     transform = graph_transform(config.get("graph"))
     synthetic = data_config.get("synthetic")
-    if synthetic is not None:
+    real = "labels" in data_config or "features" in data_config
+    if synthetic is not None and not real:
         from wsigraph.data.synthetic import SyntheticCohort
         generator = SyntheticCohort(**dict(synthetic))
         cohort = Path(generator.write(root / "cohort"))
