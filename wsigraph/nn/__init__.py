@@ -1,6 +1,8 @@
 r"""Layers of wsigraph: aggregations, message passing, optimal transport, top-k."""
 from wsigraph.nn.aggregation import GatedAttentionAggregation, GatedAttentionOutput
 from wsigraph.nn.sinkhorn import GraphSinkhorn, Sinkhorn
+from wsigraph.nn.roam import (ExpertAttentionPooling, ExpertFusion, ExpertPoolingOutput, OTRouter, RegionPooling,
+                              RoutingContext, RoutingOutput, load_entropy, routing_coherence, topk_dispatch)
 
 __all__ = [
     "GatedAttentionAggregation",
@@ -8,3 +10,5 @@ __all__ = [
     "GraphSinkhorn",
     "Sinkhorn",
 ]
+__all__ += ["RegionPooling", "RoutingContext", "OTRouter", "RoutingOutput", "ExpertAttentionPooling",
+            "ExpertPoolingOutput", "ExpertFusion", "topk_dispatch", "routing_coherence", "load_entropy"]  # ROAM
