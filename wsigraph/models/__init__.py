@@ -13,6 +13,7 @@ from wsigraph.models import dsmil  # noqa: F401  dsmil
 from wsigraph.models import transmil  # noqa: F401  transmil
 from wsigraph.models import gnn  # noqa: F401  patch_gnn
 from wsigraph.models import roam  # noqa: F401  roam
+from wsigraph.models import m2otca  # noqa: F401  m2otca
 
 from wsigraph.models.abmil import ABMIL
 from wsigraph.models.clam import CLAMMB, CLAMSB

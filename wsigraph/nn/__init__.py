@@ -3,6 +3,7 @@ from wsigraph.nn.aggregation import GatedAttentionAggregation, GatedAttentionOut
 from wsigraph.nn.sinkhorn import GraphSinkhorn, Sinkhorn
 from wsigraph.nn.roam import (ExpertAttentionPooling, ExpertFusion, ExpertPoolingOutput, OTRouter, RegionPooling,
                               RoutingContext, RoutingOutput, load_entropy, routing_coherence, topk_dispatch)
+from wsigraph.nn.prototype import GradCAMOutput, GradCAMWeights, OTAlignmentOutput, PrototypeOTAlignment, RegionPrototypes
 
 __all__ = [
     "GatedAttentionAggregation",
@@ -12,3 +13,4 @@ __all__ = [
 ]
 __all__ += ["RegionPooling", "RoutingContext", "OTRouter", "RoutingOutput", "ExpertAttentionPooling",
             "ExpertPoolingOutput", "ExpertFusion", "topk_dispatch", "routing_coherence", "load_entropy"]  # ROAM
+__all__ += ["RegionPrototypes", "PrototypeOTAlignment", "OTAlignmentOutput", "GradCAMWeights", "GradCAMOutput"]  # M2OTCA

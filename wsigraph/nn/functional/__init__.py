@@ -14,6 +14,7 @@ from wsigraph.nn.functional.topk import (
     topk_per_group,
     topk_per_group_dense,
 )
+from wsigraph.nn.functional.prototype import raster_rank, sequential_chunk_index
 
 __all__ = [
     "padded_row_index",
@@ -28,3 +29,4 @@ __all__ = [
     "topk_per_group",
     "topk_per_group_dense",
 ]
+__all__ += ["raster_rank", "sequential_chunk_index"]  # M2OTCA
