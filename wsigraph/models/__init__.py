@@ -12,6 +12,7 @@ from wsigraph.models import clam  # noqa: F401  clam_sb, clam_mb
 from wsigraph.models import dsmil  # noqa: F401  dsmil
 from wsigraph.models import transmil  # noqa: F401  transmil
 from wsigraph.models import gnn  # noqa: F401  patch_gnn
+from wsigraph.models import ainet  # noqa: F401  ainet
 from wsigraph.models import roam  # noqa: F401  roam
 from wsigraph.models import m2otca  # noqa: F401  m2otca
 

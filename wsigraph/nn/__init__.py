@@ -1,6 +1,7 @@
 r"""Layers of wsigraph: aggregations, message passing, optimal transport, top-k."""
 from wsigraph.nn.aggregation import GatedAttentionAggregation, GatedAttentionOutput
 from wsigraph.nn.sinkhorn import GraphSinkhorn, Sinkhorn
+from wsigraph.nn.anchor import AnchorMining, AnchorMiningOutput, AnchorRegionCorrection
 from wsigraph.nn.roam import (ExpertAttentionPooling, ExpertFusion, ExpertPoolingOutput, OTRouter, RegionPooling,
                               RoutingContext, RoutingOutput, load_entropy, routing_coherence, topk_dispatch)
 from wsigraph.nn.prototype import GradCAMOutput, GradCAMWeights, OTAlignmentOutput, PrototypeOTAlignment, RegionPrototypes
@@ -14,3 +15,4 @@ __all__ = [
 __all__ += ["RegionPooling", "RoutingContext", "OTRouter", "RoutingOutput", "ExpertAttentionPooling",
             "ExpertPoolingOutput", "ExpertFusion", "topk_dispatch", "routing_coherence", "load_entropy"]  # ROAM
 __all__ += ["RegionPrototypes", "PrototypeOTAlignment", "OTAlignmentOutput", "GradCAMWeights", "GradCAMOutput"]  # M2OTCA
+__all__ += ["AnchorMining", "AnchorMiningOutput", "AnchorRegionCorrection"]  # AINet

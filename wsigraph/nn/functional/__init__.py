@@ -6,6 +6,8 @@ from wsigraph.nn.functional.sinkhorn import (
     sinkhorn_log_flat,
     smooth_log_plan,
 )
+from wsigraph.nn.functional.anchor import (adjacent_region_by_graph, adjacent_region_by_order, dual_level_similarity,
+                                          keep_mask_per_group, region_blocks, region_local_attention)
 from wsigraph.nn.functional.topk import (
     dense_topk_mask,
     group_sort,
@@ -30,3 +32,5 @@ __all__ = [
     "topk_per_group_dense",
 ]
 __all__ += ["raster_rank", "sequential_chunk_index"]  # M2OTCA
+__all__ += ["dual_level_similarity", "region_blocks", "adjacent_region_by_order", "adjacent_region_by_graph",
+            "region_local_attention", "keep_mask_per_group"]  # AINet
