@@ -16,3 +16,5 @@ __all__ = [
     "link_levels", "SlideGraphDataset", "read_labels", "dataset_from_config", "SyntheticCohort",
     "make_synthetic_cohort",
 ]
+from wsigraph.data.lazy import GraphZoomSource, H5FeatureSource, ZoomSource  # noqa: E402
+__all__ += ["ZoomSource", "GraphZoomSource", "H5FeatureSource"]

@@ -15,6 +15,7 @@ from wsigraph.models import gnn  # noqa: F401  patch_gnn
 from wsigraph.models import ainet  # noqa: F401  ainet
 from wsigraph.models import roam  # noqa: F401  roam
 from wsigraph.models import m2otca  # noqa: F401  m2otca
+from wsigraph.models import zoommil  # noqa: F401  zoommil
 
 from wsigraph.models.abmil import ABMIL
 from wsigraph.models.clam import CLAMMB, CLAMSB
@@ -27,3 +28,5 @@ __all__ = [
     "MILModel", "MILOutput", "MODEL_REGISTRY", "build_model", "list_models", "register_model",
     "MeanMIL", "MaxMIL", "ABMIL", "CLAMSB", "CLAMMB", "DSMIL", "TransMIL", "PatchGNN",
 ]
+from wsigraph.models.zoommil import ZoomMIL  # noqa: E402
+__all__ += ["ZoomMIL"]

@@ -16,3 +16,6 @@ __all__ += ["RegionPooling", "RoutingContext", "OTRouter", "RoutingOutput", "Exp
             "ExpertPoolingOutput", "ExpertFusion", "topk_dispatch", "routing_coherence", "load_entropy"]  # ROAM
 __all__ += ["RegionPrototypes", "PrototypeOTAlignment", "OTAlignmentOutput", "GradCAMWeights", "GradCAMOutput"]  # M2OTCA
 __all__ += ["AnchorMining", "AnchorMiningOutput", "AnchorRegionCorrection"]  # AINet
+from wsigraph.nn.perturbed_topk import PerturbedTopK, TopKSelection  # noqa: E402
+from wsigraph.nn.zoom import ZoomBag, ZoomGather, ZoomStack  # noqa: E402
+__all__ += ["PerturbedTopK", "TopKSelection", "ZoomGather", "ZoomStack", "ZoomBag"]  # ZoomMIL

@@ -34,3 +34,7 @@ __all__ = [
 __all__ += ["raster_rank", "sequential_chunk_index"]  # M2OTCA
 __all__ += ["dual_level_similarity", "region_blocks", "adjacent_region_by_order", "adjacent_region_by_graph",
             "region_local_attention", "keep_mask_per_group"]  # AINet
+from wsigraph.nn.functional.perturbed_topk import hard_topk, masked_softmax, perturbed_topk  # noqa: E402
+from wsigraph.nn.functional.zoom import cell_centre_distance, child_table, compose_child_tables, gather_rows  # noqa: E402
+__all__ += ["hard_topk", "perturbed_topk", "masked_softmax", "child_table", "cell_centre_distance",
+            "compose_child_tables", "gather_rows"]  # ZoomMIL
