@@ -30,10 +30,15 @@ def load_config(path, overrides: Iterable[str] = ()) -> Dict[str, Any]:
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
-    r"""Recursive dictionary merge; ``update`` wins."""
+    r"""Recursive dictionary merge; ``update`` wins.
+
+    A mapping that names a different ``strategy`` than the inherited one replaces it instead of
+    being merged into it, so that the settings of one strategy (``grid_size`` of grid regions)
+    never reach another (sequential regions)."""
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+                and value.get("strategy", out[key].get("strategy")) == out[key].get("strategy"):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
