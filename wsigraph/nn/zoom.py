@@ -22,14 +22,18 @@ class ZoomStack(NamedTuple):
         index: ``[B, V, R]`` long node indices of the descendants, ``-1`` where missing. On the
             soft path, the descendants of each entry's most probable parent (for interpretation).
         valid: ``[B, V]`` bool, the entry is a real (selected) slot.
-        mass: ``[B, V, R]`` float expected presence of each descendant (soft path), else ``None``.
-        feature_sum: ``[B, V, R, D]`` presence-weighted descendant features (soft path), else
+        mass: ``[B, V, R]`` float probability that the descendant exists (soft path; constant,
+            exactly zero when no sampled parent has it), else ``None``.
+        feature_sum: ``[B, V, R, D]`` existence-weighted descendant features (soft path), else
             ``None``.
+        absent: ``[B, V, R]`` float probability that the descendant is missing, differentiable
+            (soft path), else ``None``; the expected presence is ``valid - absent``.
     """
     index: Tensor
     valid: Tensor
     mass: Optional[Tensor] = None
     feature_sum: Optional[Tensor] = None
+    absent: Optional[Tensor] = None
 
 
 class ZoomBag(NamedTuple):
@@ -99,11 +103,14 @@ class ZoomGather(torch.nn.Module):
         features (for the soft path; ``None`` for an index-only stack)."""
         if x is None:
             return ZoomStack(index, valid)
+        valid_desc = valid.unsqueeze(-1).expand(index.shape)
         if self.missing == "mask":
             mass = (index >= 0).to(x.dtype)
+            absent = ((index < 0) & valid_desc).to(x.dtype)
         else:
-            mass = valid.unsqueeze(-1).expand(index.shape).to(x.dtype)
-        return ZoomStack(index, valid, mass, gather_rows(x, index))
+            mass = valid_desc.to(x.dtype)
+            absent = torch.zeros_like(mass)
+        return ZoomStack(index, valid, mass, gather_rows(x, index), absent)
 
     def forward(self, selection: TopKSelection, stack: ZoomStack, fanout: Optional[int] = None) -> ZoomStack:
         r"""Descendants of the selected slots, regrouped as ``fanout`` children per slot.
@@ -123,27 +130,35 @@ class ZoomGather(torch.nn.Module):
         valid = selection.valid
         index = stack.index.gather(1, chosen.unsqueeze(-1).expand(-1, -1, num_desc))
         index = torch.where(valid.unsqueeze(-1), index, index.new_full((), -1))
-        mass = feature_sum = None
+        mass = feature_sum = absent = None
         if stack.feature_sum is not None:
             if selection.weights is not None:
                 weights = selection.weights.to(stack.feature_sum.dtype)
-                mass = torch.einsum("bkv,bvr->bkr", weights, stack.mass)
+                # Existence (exact zeros) without gradient; its differentiable complement is
+                # `absent`, identically zero on complete grids, so there the gradient is the
+                # official kron form's.
+                with torch.no_grad():
+                    mass = torch.einsum("bkv,bvr->bkr", weights, stack.mass)
+                absent = torch.einsum("bkv,bvr->bkr", weights, stack.absent)
                 feature_sum = torch.einsum("bkv,bvrd->bkrd", weights, stack.feature_sum)
             else:
-                keep = valid.to(stack.mass.dtype)
-                mass = stack.mass.gather(1, chosen.unsqueeze(-1).expand(-1, -1, num_desc)) * keep.unsqueeze(-1)
+                keep = valid.to(stack.mass.dtype).unsqueeze(-1)
+                rows = chosen.unsqueeze(-1).expand(-1, -1, num_desc)
+                mass = stack.mass.gather(1, rows) * keep
+                absent = stack.absent.gather(1, rows) * keep
                 dim = stack.feature_sum.size(-1)
                 feature_sum = stack.feature_sum.gather(
                     1, chosen.view(batch_size, slots, 1, 1).expand(-1, -1, num_desc, dim))
-                feature_sum = feature_sum * keep.view(batch_size, slots, 1, 1)
+                feature_sum = feature_sum * keep.unsqueeze(-1)
         grouped = slots * fanout
         rest = num_desc // fanout
         index = index.reshape(batch_size, grouped, rest)
         valid = valid.repeat_interleave(fanout, dim=1)
         if mass is not None:
             mass = mass.reshape(batch_size, grouped, rest)
+            absent = absent.reshape(batch_size, grouped, rest)
             feature_sum = feature_sum.reshape(batch_size, grouped, rest, -1)
-        return ZoomStack(index, valid, mass, feature_sum)
+        return ZoomStack(index, valid, mass, feature_sum, absent)
 
     def select_children(self, selection: TopKSelection, bag_index: Tensor,
                         children_of: Callable[[Tensor], Tensor]) -> ZoomStack:
@@ -173,15 +188,15 @@ class ZoomGather(torch.nn.Module):
             raise ValueError("bag() needs a stack with one descendant per entry; pass fanout to forward()")
         index = stack.index[..., 0]
         if stack.feature_sum is not None:
-            mass = stack.mass[..., 0].float()
-            present = mass > 0
+            present = stack.mass[..., 0] > 0
             features = stack.feature_sum[:, :, 0]
+            tiny = torch.finfo(torch.float32).tiny
             if self.missing == "mask":
-                features = features / mass.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1).to(features.dtype)
-                log_prior = torch.where(present, mass.clamp_min(torch.finfo(torch.float32).tiny).log(),
-                                        mass.new_full((), float("-inf")))
+                expected = (stack.valid.float() - stack.absent[..., 0].float()).clamp_min(tiny)
+                features = features / expected.unsqueeze(-1).to(features.dtype)
+                log_prior = torch.where(present, expected.log(), expected.new_full((), float("-inf")))
             else:
-                log_prior = torch.where(present, mass.new_zeros(()), mass.new_full((), float("-inf")))
+                log_prior = torch.zeros(present.shape, device=index.device).masked_fill(~present, float("-inf"))
             return ZoomBag(index, present, log_prior, features)
         present = index >= 0 if self.missing == "mask" else stack.valid
         log_prior = torch.zeros(present.shape, device=index.device).masked_fill(~present, float("-inf"))
