@@ -246,3 +246,19 @@ def test_training_step_reaches_every_head():
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
         for selector in model.selectors:
             assert selector.lin_score.weight.grad.abs().sum() > 0
+
+
+def test_config_builds_the_official_recipe():
+    from pathlib import Path
+
+    from wsigraph.train import load_experiment_config, model_from_config, resolve_config
+    config = resolve_config(load_experiment_config(Path(__file__).resolve().parents[2] / "configs" / "zoommil.yaml"))
+    model = model_from_config(config["model"], in_channels=DIM, num_classes=3)
+    assert isinstance(model, ZoomMIL) and model.topk.k == 12 and model.topk.num_samples == 100
+    assert model.topk.sigma == 0.002 and model.topk.estimator == "diagonal" and model.num_levels == 3
+    train = config["train"]
+    assert (train["optimizer"], train["lr"], train["weight_decay"], train["scheduler"]) == ("adam", 1e-4, 0.0, "plateau")
+    assert (train["plateau_factor"], train["plateau_patience"], train["epochs"], train["batch_size"]) == (0.8, 5, 100, 1)
+    assert train["class_weighted_sampling"] and train["monitor"] == "val_f1" and train["max_patches_train"] is None
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(make_slide(2, 2, seed=10)).logits).all()
