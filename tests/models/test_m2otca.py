@@ -272,3 +272,19 @@ def test_interpretation_is_within_region_attention_times_relevance(slides):
         torch.testing.assert_close(sums[present], torch.ones(int(present.sum())))
     torch.testing.assert_close(output.interpretation["region"]["gradcam"], weights[slots.region_slot])
     assert isinstance(model, M2OTCA) and "m2otca" == model.registry_name
+
+
+def test_config_builds_sequential_regions():
+    from pathlib import Path
+
+    from wsigraph.train import load_experiment_config
+    config = load_experiment_config(Path(__file__).resolve().parents[2] / "configs" / "m2otca.yaml")
+    # The base config's grid settings must not leak into the sequential partition.
+    assert config["graph"]["regions"] == {"strategy": "sequential", "num_regions": 30}
+    graph = make_slide(7, 6, (0, 0), 1.0, seed=3, label=0, num_regions=30)
+    transform = graph_transform({**config["graph"], "patch_grid": False})
+    assert "SequentialRegions(num_regions=30)" in repr(transform)
+    model = build_model(config["model"]["name"], in_channels=DIM, num_classes=2,
+                        **{k: v for k, v in config["model"].items() if k != "name"})
+    assert model.alignment == "regions" and model.cross_attention == "full"
+    assert torch.isfinite(model.eval()(graph).logits).all()
