@@ -6,7 +6,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 from scipy.stats import rankdata
-from torch_geometric.data import Batch
+from torch_geometric.data import Batch, HeteroData
 
 from wsigraph.data.schema import member_edge, patch_levels
 from wsigraph.models import MODEL_REGISTRY, MILOutput, build_model
@@ -240,3 +240,18 @@ def test_rank_scale_and_bad_input(slides, tmp_path):
         slide_maps(batch_of(slides), {})
     with pytest.warns(UserWarning, match="left out"):
         assert slide_maps(graph, {"cells": {"score": torch.rand(4)}}) == []
+
+
+def test_level_without_patches(tmp_path):
+    graph = HeteroData()
+    graph["patch_10x"].pos = torch.zeros(0, 2)
+    graph["patch_10x"].patch_size = 512.0
+    graph["patch_20x"].pos = torch.tensor([[0.0, 0.0], [256.0, 0.0]])
+    graph["patch_20x"].patch_size = 256.0
+    interpretation = {"patch_10x": {"attention": torch.zeros(0)}, "patch_20x": {"attention": torch.tensor([1.0, 2.0])}}
+    canvas = SlideCanvas(graph, resolution=8)
+    assert canvas.shape == (4, 8) and np.isnan(canvas.paint("patch_10x", 1.0)).all()
+    image = canvas.paint("patch_20x", np.array([1.0, 2.0]))
+    assert (image[:, :4] == 1).all() and (image[:, 4:] == 2).all()
+    panels = plot_slide_maps(graph, interpretation, tmp_path / "two.png", panel_size=1.5, dpi=40)
+    assert [p.level for p in panels] == ["patch_10x", "patch_20x", MERGED]

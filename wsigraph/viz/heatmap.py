@@ -101,9 +101,11 @@ class SlideCanvas:
         to ``values[i]``; where patches overlap (or share a pixel when patches are smaller than a
         pixel), one of them wins. ``where`` (``[N]`` bool) paints only those patches.
         """
-        pos, size = self.boxes[level]
         if out is None:
             out = np.full(self.shape, np.nan)
+        if level not in self.boxes:  # a level without patches
+            return out
+        pos, size = self.boxes[level]
         values = np.broadcast_to(np.asarray(values, dtype=np.float64), (pos.shape[0],))
         if where is not None:
             pos, values = pos[where], values[where]
