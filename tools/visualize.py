@@ -60,7 +60,11 @@ def main(argv=None) -> int:
     if args.run is None and args.checkpoint is None:
         parser.error("give --run (a trained run directory) or --checkpoint")
     run_dir = Path(args.run) if args.run else None
-    checkpoint = Path(args.checkpoint) if args.checkpoint else find_fold_checkpoint(run_dir, args.fold, args.model)
+    try:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else find_fold_checkpoint(run_dir, args.fold, args.model)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.config is not None:
         config_path = Path(args.config)
     elif run_dir is not None:

@@ -41,7 +41,7 @@ def _model_dir(run_dir: Path, model: Optional[str]) -> Path:
     if len(models) == 1:
         return run_dir / models[0]
     if models:
-        raise ValueError(f"{run_dir} is a comparison run of several models {models}: choose one (model=...)")
+        raise ValueError(f"{run_dir} is a comparison run of several models {models}: choose one (model=..., --model on the command line)")
     raise FileNotFoundError(f"{run_dir} holds no trained fold (fold_*/)")
 
 
