@@ -127,3 +127,19 @@ def test_rows_and_children_of_the_h5_source(tmp_path):
         assert source.patch_size("patch_10x") == 512.0
         with pytest.raises(IndexError):
             source.rows("patch_5x", torch.tensor([[99]]))
+
+
+@pytest.mark.parametrize("chunks,dtype,compression,fast", [((1, 2), "<i8", None, True), ((32, 2), ">i4", None, True),
+                                                           ((1, 2), "<f8", "gzip", False), (None, "<i8", None, False)])
+def test_row_chunked_coordinates_read_through_the_chunk_index(tmp_path, chunks, dtype, compression, fast):
+    from wsigraph.data.lazy import _read_by_chunk_index, _read_whole
+    values = np.random.default_rng(0).integers(0, 10**6, (1001, 2)).astype(dtype)
+    with h5py.File(tmp_path / "a.h5", "w") as handle:
+        handle.create_dataset("coords", data=values, chunks=chunks, compression=compression,
+                              maxshape=(None, 2) if chunks else None)
+    with h5py.File(tmp_path / "a.h5", "r") as handle:
+        direct = _read_by_chunk_index(handle["coords"])
+        assert (direct is not None) == fast
+        if fast:
+            assert direct.dtype == np.dtype(dtype) and np.array_equal(direct, values)
+        assert np.array_equal(_read_whole(handle["coords"]), values)

@@ -89,8 +89,8 @@ class ZoomMIL(MILModel):
     :meth:`lazy_forward` runs it against a :class:`~wsigraph.data.lazy.H5FeatureSource` that reads
     exactly those rows from the feature files and returns the same logits as the full graph.
 
-    Interpretation per level: ``attention`` (zero on nodes never reached), ``selected`` (1 on the
-    patches zoomed into, all levels but the last) and ``reached`` (1 on the bag's nodes, levels
+    Interpretation per level: ``attention`` (zero on nodes never reached), ``selected`` (bool, the
+    patches zoomed into, all levels but the last) and ``reached`` (bool, the bag's nodes, levels
     above the first). In training the nodes are those of each slot's most probable parent.
 
     Args:
@@ -242,13 +242,9 @@ class ZoomMIL(MILModel):
             attention = _scatter_nodes(trace.index, trace.attention, count)
             output.add_interpretation(trace.level, "attention", attention)
             if depth > 0:
-                output.add_interpretation(trace.level, "reached",
-                                          _scatter_nodes(trace.index, torch.ones_like(trace.attention), count, "amax"))
+                output.add_interpretation(trace.level, "reached", _node_mask(trace.index, count))
             if trace.selected is not None:
-                output.add_interpretation(trace.level, "selected",
-                                          _scatter_nodes(trace.selected, torch.ones(trace.selected.shape,
-                                                                                     device=attention.device),
-                                                         count, "amax"))
+                output.add_interpretation(trace.level, "selected", _node_mask(trace.selected, count))
         return output
 
     @torch.no_grad()
@@ -289,13 +285,17 @@ def _selected_nodes(selection: TopKSelection, bag_index: Tensor) -> Tensor:
     return torch.where(selection.valid, nodes, nodes.new_full((), -1))
 
 
-def _scatter_nodes(index: Tensor, values: Tensor, count: int, reduce: str = "sum") -> Tensor:
-    r"""Per-node values ``[count]`` from entries ``index`` (``-1`` ignored), zero elsewhere."""
+def _scatter_nodes(index: Tensor, values: Tensor, count: int) -> Tensor:
+    r"""Per-node sums ``[count]`` of the entries' ``values`` at ``index`` (``-1`` ignored)."""
     index, values = index.reshape(-1), values.reshape(-1).float()
     keep = index >= 0
-    out = values.new_zeros(count)
     target = torch.where(keep, index, index.new_zeros(()))
     values = torch.where(keep, values, values.new_zeros(()))
-    if reduce == "sum":
-        return out.scatter_add(0, target, values)
-    return out.scatter_reduce(0, target, values, reduce=reduce, include_self=True)
+    return values.new_zeros(count).scatter_add(0, target, values)
+
+
+def _node_mask(index: Tensor, count: int) -> Tensor:
+    r"""``[count]`` bool, ``True`` on the nodes listed in ``index`` (``-1`` ignored)."""
+    index = index.reshape(-1)
+    index = index[index >= 0]
+    return torch.zeros(count, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
