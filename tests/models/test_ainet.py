@@ -274,3 +274,18 @@ def test_config_defaults():
     assert model.region_loss_weight == 0.5 and model.consistency_weight == 1.0
     with pytest.raises(ValueError):
         build_model("ainet", in_channels=DIM, num_classes=2, predictor="ainet")
+
+
+def test_reconstruction_error_matches_direct_form():
+    from wsigraph.models.ainet import reconstruction_error
+    generator = torch.Generator().manual_seed(9)
+    h = torch.randn(300, 16, generator=generator, requires_grad=True)
+    weight = (0.3 * torch.randn(40, 16, generator=generator)).requires_grad_()
+    bias = torch.randn(40, generator=generator, requires_grad=True)
+    x = torch.randn(300, 40, generator=generator)
+    lean = reconstruction_error(h, x, weight, bias)
+    direct = (h @ weight.T + bias - x).pow(2).mean(-1)
+    torch.testing.assert_close(lean, direct, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(lean.sum(), (h, weight, bias)),
+                    torch.autograd.grad(direct.sum(), (h, weight, bias))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -25,8 +25,8 @@ class AnchorMiningOutput(NamedTuple):
         index: ``[M]`` flat indices of the anchors, grouped by region (or slide).
         mask: ``[N]`` bool, ``True`` on anchors.
         score: ``[N]`` the score the anchors were chosen by.
-        region_embedding: ``[R, F]`` mean feature of every region (zero if empty).
-        bag_embedding: ``[B, F]`` mean feature of every slide.
+        region_embedding: ``[R, F]`` mean feature of every region (zero if empty), detached.
+        bag_embedding: ``[B, F]`` mean feature of every slide, detached.
     """
     index: Tensor
     mask: Tensor
@@ -120,10 +120,6 @@ class AnchorMining(nn.Module):
             index = topk_per_group(chosen_by, group, self.num_anchors)
             mask = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)
             mask[index] = True
-        # The embeddings keep their graph for callers that use them downstream.
-        if x.requires_grad:
-            region_embedding = scatter(x, region, dim=0, dim_size=num_regions, reduce="mean")
-            bag_embedding = scatter(x, batch, dim=0, dim_size=num_slides, reduce="mean")
         return AnchorMiningOutput(index, mask, chosen_by, region_embedding, bag_embedding)
 
     def __repr__(self) -> str:
