@@ -9,8 +9,9 @@ chunk per row, resizable) to a temporary directory. Then, for an untrained ZoomM
 * **full**: read every level with the library reader (:func:`wsigraph.data.read_slide`), build the
   slide graph (:func:`wsigraph.data.build_slide_graph`: geometric zoom edges) and evaluate;
 * **lazy**: :meth:`ZoomMIL.lazy_forward` on an :class:`wsigraph.data.H5FeatureSource`, which
-  reads the lowest level, the coordinates of every level, and only the selected parents'
-  children's feature rows;
+  reads the lowest level, the coordinates of every level (through the files' chunk index), and
+  only the selected parents' children's feature rows; also with the coordinates read by plain
+  h5py reads (one HDF5 chunk lookup per row);
 * **lazy, coordinates known**: the same with the coordinates given (e.g. from the graph cache or
   the patching step), so only feature rows are read;
 * **full, from the graph cache**: for reference, evaluating the slide graph already built and
@@ -126,9 +127,9 @@ def run_cached(model, path):
                                   "coord_rows": rows}
 
 
-def run_lazy(model, dirs, slide_id, coords=None):
+def run_lazy(model, dirs, slide_id, coords=None, chunk_index=True):
     start = time.perf_counter()
-    with H5FeatureSource(dirs, slide_id, coords=coords) as source:
+    with H5FeatureSource(dirs, slide_id, coords=coords, chunk_index=chunk_index) as source:
         for level in source.levels():
             source.coords(level)
         linked = time.perf_counter()
@@ -170,6 +171,8 @@ def main(argv=None) -> None:
                 times = {}
                 for name, runner in (("full", lambda: run_full(model, dirs, slide_id)),
                                      ("lazy", lambda: run_lazy(model, dirs, slide_id)),
+                                     ("lazy, coordinates by plain h5py reads",
+                                      lambda: run_lazy(model, dirs, slide_id, chunk_index=False)),
                                      ("lazy, coordinates known", lambda: run_lazy(model, dirs, slide_id, known)),
                                      ("full, from the graph cache", lambda: run_cached(model, cache_path))):
                     samples = []

@@ -284,12 +284,16 @@ class H5FeatureSource(ZoomSource):
             attributes.
         coords (Mapping, optional): magnification (or level name) → ``[N, 2]`` coordinates
             already known.
+        chunk_index (bool, optional): read row-chunked, unfiltered ``coords`` through the file's
+            chunk index (see :func:`_read_by_chunk_index`), else with a plain h5py read.
+            (default: ``True``)
     """
 
     def __init__(self, feature_dirs: Mapping[float, PathLike], slide_id: str,
                  patch_sizes: Optional[Mapping[float, float]] = None,
-                 coords: Optional[Mapping[Union[float, str], object]] = None):
+                 coords: Optional[Mapping[Union[float, str], object]] = None, chunk_index: bool = True):
         self.slide_id = str(slide_id)
+        self.chunk_index = bool(chunk_index)
         self.num_slides = 1
         self.stats = ReadStats()
         self._files: Dict[str, object] = {}
@@ -349,7 +353,7 @@ class H5FeatureSource(ZoomSource):
             handle = self._file(level)
             if "coords" not in handle:
                 raise SlideError(self.slide_id, entry.path, "no 'coords' dataset in the file")
-            values = _read_whole(handle["coords"])
+            values = _read_whole(handle["coords"]) if self.chunk_index else np.asarray(handle["coords"][()])
             self.stats.reads += 1
             self.stats.add(self.stats.coord_rows, level, values.shape[0])
             if values.ndim != 2 or values.shape[1] != 2 or not np.isfinite(values).all():
