@@ -85,7 +85,10 @@ class ZoomMIL(MILModel):
     the four children of a patch column-major, which changes only which children share a soft
     mixture in training, not the evaluation result.
 
-    Evaluation reads only :math:`N_1 + \sum_{\ell > 1} K R_\ell` rows;
+    Training gathers, for every lowest-level patch, its descendants' features at every level
+    (memory about that of the slide's features, as the official ``kron`` form; the ``[S, K, N]``
+    one-hots of the samples are never formed). Evaluation reads only
+    :math:`N_1 + \sum_{\ell > 1} K R_\ell` rows;
     :meth:`lazy_forward` runs it against a :class:`~wsigraph.data.lazy.H5FeatureSource` that reads
     exactly those rows from the feature files and returns the same logits as the full graph.
 
@@ -250,7 +253,7 @@ class ZoomMIL(MILModel):
     @torch.no_grad()
     def lazy_forward(self, source: ZoomSource) -> LazyZoomResult:
         r"""Evaluation level by level against a feature source (one slide), reading only the
-        lowest level and the children of the selected parents (SPEC §6.4 item 7).
+        lowest level and the children of the selected parents.
 
         Args:
             source (ZoomSource): e.g. :class:`~wsigraph.data.lazy.H5FeatureSource`.
