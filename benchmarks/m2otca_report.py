@@ -18,7 +18,7 @@ The slide AUC is the mean (± std) over the test folds.
 
 Example::
 
-    python benchmarks/m2otca_report.py --folds 3 --epochs 15 --root runs/m2otca_report
+    python benchmarks/m2otca_report.py --folds 3 --epochs 15 --variants full,none --root runs/m2otca_report
 """
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ SHORT = {"full": "full (OT + Grad-CAM)", "none": "concatenation only (M_A)", "gr
 def variant_config(root: Path, name: str, settings: Dict, args) -> Dict:
     overrides = [f"{key}={value}" for key, value in settings.items()] + [
         f"data.root={root / 'data'}", f"run.dir={root / slug(name)}", f"run.folds={args.folds}",
-        f"train.epochs={args.epochs}", f"train.min_epochs={min(args.epochs, 5)}", f"train.lr={args.lr}",
+        f"train.epochs={args.epochs}", f"train.lr={args.lr}",
         f"train.batch_size={args.batch_size}", f"train.early_stopping_patience={args.patience}",
-        f"model.dropout={args.dropout}", "train.bootstrap=0", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu"]
+        f"model.dropout={args.dropout}", f"model.embedding_channels={args.embedding}",
+        f"train.min_epochs={min(args.epochs, args.min_epochs)}", f"train.monitor={args.monitor}",
+        "train.bootstrap=0", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
     return load_experiment_config(CONFIG, overrides)
 
 
@@ -120,10 +121,13 @@ def main():
     parser.add_argument("--variants", default="full,none", help=f"comma-separated, from {sorted(SHORT)}")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--min-epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--monitor", default="val_auc")
     parser.add_argument("--dropout", type=float, default=0.25)
+    parser.add_argument("--embedding", default="256", help="patch embedding width, or null for none")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--figure", type=Path,
                         default=Path(__file__).resolve().parent / "figures" / "m2otca_attention.png")
@@ -152,8 +156,9 @@ def main():
 
     model = first["model"]
     print(f"\nsynthetic cohort {first['data']['synthetic']}, {len(dataset)} slides; graph {first['graph']}; "
-          f"{args.folds}-fold patient-level CV, {args.epochs} epochs max (patience {args.patience}), "
-          f"{first['train']['optimizer']} lr {args.lr}, batch {args.batch_size}, dropout {args.dropout}, "
+          f"{args.folds}-fold patient-level CV, {args.epochs} epochs max (min {args.min_epochs}, patience "
+          f"{args.patience} on {args.monitor}), {first['train']['optimizer']} lr {args.lr}, batch {args.batch_size}, "
+          f"dropout {args.dropout}, patch embedding {args.embedding}, "
           f"d = {model['prototype_channels']}, eps = {model['epsilon']}, T = {model['num_iterations']}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {time.perf_counter() - start:.0f} s\n")
     print("| variant | slide AUC (mean ± std over test folds) | balanced acc. | 20x attention lesion AUROC | "

@@ -128,9 +128,10 @@ def test_evaluation_without_gradients_and_forward_leaves_no_grad(slides):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("cross_attention", ["full", "ot", "gradcam", "none"])
-def test_every_level_encoder_learns(slides, cross_attention):
-    model = model_of(cross_attention=cross_attention).train()
+@pytest.mark.parametrize("cross_attention,embedding", [("full", None), ("ot", None), ("gradcam", None),
+                                                       ("none", None), ("full", 7)])
+def test_every_level_encoder_learns(slides, cross_attention, embedding):
+    model = model_of(cross_attention=cross_attention, embedding_channels=embedding).train()
     batch = batch_of(slides)
     output = model(batch)
     model.loss(output, batch.y).backward()
@@ -166,7 +167,8 @@ def test_gradcam_target_rule(slides):
 
 @pytest.mark.parametrize("options", [dict(alignment="independent", num_prototypes=4),
                                      dict(alignment="independent", num_prototypes=30, cross_attention="ot"),
-                                     dict(cross_attention="gradcam"), dict(cross_attention="none")])
+                                     dict(cross_attention="gradcam"), dict(cross_attention="none"),
+                                     dict(embedding_channels=7)])
 def test_batched_equals_per_slide(slides, options):
     model = model_of(**options).eval()
     batch = batch_of(slides)

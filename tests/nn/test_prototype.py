@@ -73,13 +73,15 @@ def test_raster_rank_is_row_major_per_slide():
 # ----------------------------------------------------------------------------------------------
 # Region prototypes
 # ----------------------------------------------------------------------------------------------
-def test_region_prototypes_match_dense_reference():
+@pytest.mark.parametrize("embedding", [None, 8])
+def test_region_prototypes_match_dense_reference(embedding):
     torch.manual_seed(0)
-    layer = RegionPrototypes(6, 5, attention_channels=7)
-    x = torch.randn(40, 6)
+    layer = RegionPrototypes(6, 5, attention_channels=7, embedding_channels=embedding)
+    inputs = torch.randn(40, 6)
+    x = inputs if embedding is None else torch.relu(layer.embedding[0](inputs))
     group = torch.randint(0, 9, (40,))
     group[group == 4] = 3  # group 4 is empty
-    prototypes, attention = layer(x, group, 9)
+    prototypes, attention = layer(inputs, group, 9)
     pool = layer.pool
     for g in range(9):
         members = group == g

@@ -125,6 +125,15 @@ class M2OTCA(MILModel):
        cross-entropy of :math:`\hat{y}` only. Gradients reach every level's encoder (through
        :math:`\bar{P}_t` and the plan); nothing is detached except the Grad-CAM weights.
 
+    Notes. A region can be empty at a lower level (``sequential`` strips thinner than a
+    low-magnification patch, since a parent joins the region of most of its children): its
+    prototype is masked (no column mass in the OT, no row in the ``"none"``/``"gradcam"``
+    branches). With a linear classifier on attention-pooled prototypes,
+    :math:`w_u \approx \alpha_u\,\overline{W_c} + (\text{attention term})` (:math:`\alpha_u` the
+    reference branch's attention, :math:`\overline{W_c}` the channel mean of the class-:math:`c`
+    classifier row), whose first part has one sign per slide: the Grad-CAM weights are mostly
+    either close to :math:`\alpha_u / \max \alpha` or all non-positive, hence the uniform fallback.
+
     ``cross_attention`` selects the paper's ablations: ``"full"``; ``"ot"`` (no Grad-CAM,
     :math:`\tilde{P}_t = \bar{P}_t`); ``"gradcam"`` (no OT,
     :math:`\tilde{P}_t = \operatorname{diag}(\tilde{w}) P_t`, prototype :math:`u` of level
@@ -171,6 +180,10 @@ class M2OTCA(MILModel):
         num_iterations (int, optional): Sinkhorn iterations. (default: ``20``)
         gradcam_target (str, optional): ``"predicted"`` or ``"label"`` (training only; evaluation
             always uses the prediction). (default: ``"predicted"``)
+        embedding_channels (int, optional): width of a per-level patch embedding
+            :math:`\mathrm{ReLU}(W_e x + b_e)` before the prototype pooling (CLAM-style ABMIL);
+            :obj:`None` pools the raw features as the article's code, which makes the whole model
+            linear in the features given its attention weights. (default: :obj:`None`)
 
     Shapes:
         - **input:** slide graph(s) with ``x``, ``pos``, ``patch_size`` on each level and, for
@@ -182,7 +195,8 @@ class M2OTCA(MILModel):
                  levels: Optional[Sequence[str]] = None, prototype_channels: int = 256,
                  attention_channels: int = 256, head_attention_channels: int = 128, dropout: float = 0.0,
                  cross_attention: str = "full", alignment: str = "regions", num_prototypes: int = 30,
-                 epsilon: float = 0.1, num_iterations: int = 20, gradcam_target: str = "predicted"):
+                 epsilon: float = 0.1, num_iterations: int = 20, gradcam_target: str = "predicted",
+                 embedding_channels: Optional[int] = None):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be positive (got {in_channels}, {num_classes})")
@@ -210,7 +224,7 @@ class M2OTCA(MILModel):
         self.gradcam_target = gradcam_target
         # Index 0 is the lowest level, -1 the reference (highest) level.
         self.encoders = nn.ModuleList([
-            RegionPrototypes(in_channels, prototype_channels, attention_channels, dropout)
+            RegionPrototypes(in_channels, prototype_channels, attention_channels, dropout, embedding_channels)
             for _ in range(self.num_levels)])
         self.heads = nn.ModuleList([
             PrototypeClassifier(prototype_channels, num_classes, head_attention_channels, dropout)

@@ -28,23 +28,30 @@ class RegionPrototypes(torch.nn.Module):
     r"""Region prototypes by gated attention pooling inside each region, then a linear map
     (M2OTCA's prototype encoder :math:`E_1`).
 
-    For the patches :math:`i` of region :math:`j`,
+    For the patches :math:`i` of region :math:`j`, with :math:`h_i = x_i` or, with a patch
+    embedding, :math:`h_i = \mathrm{Dropout}(\mathrm{ReLU}(W_e x_i + b_e))`,
 
     .. math::
-        s_i = w^\top\!\left(\tanh(V x_i) \odot \sigma(U x_i)\right), \qquad
+        s_i = w^\top\!\left(\tanh(V h_i) \odot \sigma(U h_i)\right), \qquad
         a_i = \frac{\exp s_i}{\sum_{i' \in j} \exp s_{i'}}, \qquad
-        p_j = W \sum_{i \in j} a_i x_i + c ,
+        p_j = W \sum_{i \in j} a_i h_i + c ,
 
     i.e. the softmax runs over each region separately (regions are the groups of
     :class:`~wsigraph.nn.GatedAttentionAggregation`). A region without patches pools to the zero
-    vector and gets :math:`p_j = c`; callers mask it out.
+    vector and gets :math:`p_j = c`; callers mask it out. Without the embedding a prototype is
+    linear in the patch features given the attention (the article's code); the embedding adds
+    the nonlinearity of CLAM-style ABMIL.
 
     Args:
         in_channels (int): patch feature size :math:`D`.
         out_channels (int, optional): prototype size :math:`d`. (default: ``256``)
         attention_channels (int, optional): hidden size of the gated attention.
             (default: ``256``)
-        dropout (float, optional): dropout inside the gated attention. (default: ``0.0``)
+        dropout (float, optional): dropout inside the gated attention (and after the
+            embedding). (default: ``0.0``)
+        embedding_channels (int, optional): width of a patch embedding
+            :math:`\mathrm{ReLU}(W_e x + b_e)` before the pooling; :obj:`None` for none.
+            (default: :obj:`None`)
 
     Shapes:
         - **input:** features :math:`(N, D)`, region of every patch :math:`(N)` with values in
@@ -54,16 +61,25 @@ class RegionPrototypes(torch.nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int = 256, attention_channels: int = 256,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, embedding_channels: Optional[int] = None):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.attention_channels = attention_channels
-        self.pool = GatedAttentionAggregation(in_channels, attention_channels, heads=1, dropout=dropout)
-        self.lin = torch.nn.Linear(in_channels, out_channels)
+        self.embedding_channels = embedding_channels
+        self.embedding = None
+        pooled_channels = in_channels
+        if embedding_channels is not None:
+            self.embedding = torch.nn.Sequential(torch.nn.Linear(in_channels, embedding_channels), torch.nn.ReLU(),
+                                                 torch.nn.Dropout(dropout))
+            pooled_channels = embedding_channels
+        self.pool = GatedAttentionAggregation(pooled_channels, attention_channels, heads=1, dropout=dropout)
+        self.lin = torch.nn.Linear(pooled_channels, out_channels)
         self.reset_parameters()
 
     def reset_parameters(self):
+        if self.embedding is not None:
+            self.embedding[0].reset_parameters()
         self.pool.reset_parameters()
         self.lin.reset_parameters()
 
@@ -74,6 +90,8 @@ class RegionPrototypes(torch.nn.Module):
             group (torch.Tensor): :math:`(N)` region of every patch (need not be sorted).
             num_groups (int): number of regions :math:`G` (empty ones included).
         """
+        if self.embedding is not None:
+            x = self.embedding(x)
         pooled, attention, _ = self.pool(x, group, dim_size=num_groups, return_attention=True)
         return self.lin(pooled), attention.squeeze(-1)
 
