@@ -18,7 +18,7 @@ level the model reads) we measure, per slide, then average over slides:
 
 Example::
 
-    python benchmarks/ainet_report.py --folds 3 --epochs 15 --root runs/ainet_report
+    python benchmarks/ainet_report.py --folds 3 --epochs 30 --root runs/ainet_report
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def slug(name: str) -> str:
 
 def variant_config(root: Path, name: str, settings: Dict, args) -> Dict:
     overrides = [f"data.root={root / 'data'}", f"run.dir={root / slug(name)}", f"run.folds={args.folds}",
-                 f"train.epochs={args.epochs}", f"train.min_epochs={min(args.epochs, 5)}", f"train.lr={args.lr}",
+                 f"train.epochs={args.epochs}", f"train.min_epochs={min(args.epochs, args.min_epochs)}",
+                 f"train.lr={args.lr}",
                  f"train.batch_size={args.batch_size}", f"train.early_stopping_patience={args.patience}",
                  "train.bootstrap=0", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
     if args.slides:
@@ -133,10 +134,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/ainet_report"))
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--min-epochs", type=int, default=15)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--slides", type=int, default=None, help="cohort size (default: the demo config's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -170,15 +172,16 @@ def main():
     model = first["model"]
     dataset = next(iter(datasets.values()))
     print(f"\nsynthetic cohort {first['data']['synthetic']}, {len(dataset)} slides; "
-          f"{args.folds}-fold patient-level CV, {args.epochs} epochs max (patience {args.patience}), "
+          f"{args.folds}-fold patient-level CV, {args.epochs} epochs max (at least {args.min_epochs}, "
+          f"then early stopping on validation loss, patience {args.patience}), "
           f"{first['train']['optimizer']} lr {args.lr}, weight decay {first['train']['weight_decay']}, "
           f"batch {args.batch_size}, full bags; d = {model['hidden_channels']}, alpha = {model['alpha']}, "
           f"rho = {model['mask_ratio']}, lambda_r = {model['region_loss_weight']}, "
           f"lambda_m = {model['consistency_weight']}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{time.perf_counter() - start:.0f} s\n")
     print("| variant | regions / anchors per lesion slide | anchors on lesion | chance (random anchor per region) "
-          "| slide lesion fraction | kept on lesion (kept share) | attention mass on lesion | top-attention patch is lesion "
-          "| slide AUC |")
+          "| slide lesion fraction | kept on lesion (kept share) | attention mass on lesion "
+          "| top-attention patch is lesion | slide AUC |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, s in results.items():
         print(f"| {name} | {s['regions_per_slide']:.1f} / {s['anchors_per_slide']:.1f} | {s['anchor_lesion']:.3f} | "

@@ -14,7 +14,8 @@ in a fresh Python process per (model, N):
 
 Time: the process CPU time of the step with one intra-op thread (``--threads 1``), i.e. the work
 done, which a shared machine does not inflate; the wall time is printed beside it. The fastest
-of ``--repeats`` steps counts (one step above 50k patches), after a warm-up step on a small bag.
+of ``--repeats`` steps counts (one step above ``--repeat-limit`` patches, 50k by default), after a
+warm-up step on a small bag.
 
 FLOPs of one forward pass are counted with :class:`torch.utils.flop_counter.FlopCounterMode`; its
 registry has no entry for the CPU fused attention kernel, so this script adds the standard
@@ -182,7 +183,10 @@ def main():
     parser.add_argument("--flop-sizes", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads; with 1, the process CPU time is the work done, even on a shared machine")
+                        help="intra-op threads; with 1, the process CPU time is the work done, even on a "
+                             "shared machine")
+    parser.add_argument("--repeat-limit", type=int, default=50000,
+                        help="bags larger than this are stepped once (no repeats)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +222,8 @@ def main():
         for n in args.sizes:
             if name == "transmil" and n > args.transmil_max:
                 continue
-            row = run_isolated(name, n, args.repeats if n <= 50000 else 1, args.threads, args.timeout)
+            repeats = args.repeats if n <= args.repeat_limit else 1
+            row = run_isolated(name, n, repeats, args.threads, args.timeout)
             note = f" {row['note']}" if "note" in row else ""
             cpu = row.get("cpu_seconds", float("nan"))
             print(f"| {name} | {n} | {cpu:.3f}{note} | {row['seconds']:.3f} | {row['peak_mib']:.0f} | "
