@@ -16,6 +16,12 @@ def small_cohort(root, num_slides=14, seed=0, task="binary"):
                              pre_transform=graph_transform(dict(GRAPH)), progress=False)
 
 
+@pytest.fixture
+def make_cohort():
+    r"""``make_cohort(root, num_slides=14, seed=0, task="binary")``: another small cohort."""
+    return small_cohort
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory):
     return small_cohort(tmp_path_factory.mktemp("cohort"))

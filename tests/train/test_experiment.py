@@ -186,3 +186,19 @@ def test_models_and_run_dir_are_not_inherited(tmp_path):
     assert base["models"] == ["abmil", "mean_mil"] and base["run"]["dir"] == "runs/base"
     chosen = load_experiment_config(tmp_path / "child.yaml", ["run.dir=elsewhere", "models=[abmil]"])
     assert chosen["run"]["dir"] == "elsewhere" and chosen["models"] == ["abmil"]
+
+
+def test_multiclass_ordinal_run_with_other_options(tmp_path, tiny_config, make_cohort):
+    cohort = make_cohort(tmp_path / "multi", num_slides=16, seed=2, task="multiclass")
+    assert cohort.num_classes == 3
+    config = tiny_config(tmp_path / "run", epochs=2, bootstrap=20, ordinal=True, optimizer="sgd",
+                         scheduler="plateau", class_weighted_sampling=True, class_weighted_loss=True,
+                         early_stopping_patience=1, grad_clip=1.0)
+    config["run"].update(folds=2, deterministic=True)
+    summary = cross_validate(config, dataset=cohort, verbose=False)
+    rows = _rows(tmp_path / "run" / "fold_0.csv")
+    assert list(rows[0])[:6] == ["slide_id", "Y", "Y_hat", "p_0", "p_1", "p_2"]
+    assert "test_qwk" in _rows(tmp_path / "run" / "summary.csv")[0]
+    for fold in summary["folds"]:
+        assert fold["threshold"] is None and "qwk" in fold["test"]
+        assert set(fold["test_ci"]) == {"auc", "balanced_acc", "f1", "acc", "qwk"}

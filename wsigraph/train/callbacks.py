@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from wsigraph.io import atomic_write_text
 
@@ -55,3 +57,28 @@ class EpochHistory(L.Callback):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+class FoldProgressBar(TQDMProgressBar):
+    r"""A transient progress bar per fold: epoch, batches and the logged losses, no validation bar.
+
+    Args:
+        description: prefix of the bar (e.g. ``"abmil fold 2"``).
+    """
+
+    def __init__(self, description: str = ""):
+        super().__init__()
+        self.description = description
+
+    def init_train_tqdm(self) -> Tqdm:
+        bar = super().init_train_tqdm()
+        bar.leave = False  # the fold's result line replaces it
+        return bar
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        prefix = f"{self.description} " if self.description else ""
+        self.train_progress_bar.set_description(f"{prefix}epoch {trainer.current_epoch}")

@@ -38,7 +38,7 @@ import yaml
 
 from wsigraph.config import load_config, merge
 from wsigraph.io import atomic_write_json, atomic_write_text
-from wsigraph.train.callbacks import EpochHistory
+from wsigraph.train.callbacks import EpochHistory, FoldProgressBar
 from wsigraph.train.metrics import (bootstrap_ci, classification_metrics, predict_labels,
                                     youden_threshold)
 from wsigraph.train.results import (format_comparison, format_table, read_predictions,
@@ -528,6 +528,8 @@ def train_fold(config: Mapping[str, Any], dataset, split: Mapping[str, Sequence[
         if has_val and train["early_stopping_patience"]:
             fold_callbacks.append(EarlyStopping(monitor=monitor, mode=mode,
                                                 patience=int(train["early_stopping_patience"])))
+        if config["trainer"].get("enable_progress_bar", True):
+            fold_callbacks.append(FoldProgressBar(f"{name} fold {fold}"))
         fold_callbacks += list(callbacks)
         for callback in callbacks:
             if hasattr(callback, "fold"):
