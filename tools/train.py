@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from wsigraph.train import load_experiment_config, run_experiment
-from wsigraph.train.experiment import ConfigMismatchError
+from wsigraph.train.experiment import ConfigMismatchError, result_table
 
 
 def main(argv=None) -> int:
@@ -22,11 +22,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print only the final table")
     args = parser.parse_args(argv)
     config = load_experiment_config(args.config, args.overrides)
+    if args.quiet:
+        config.setdefault("trainer", {})["enable_progress_bar"] = False
     try:
-        run_experiment(config, verbose=not args.quiet)
+        result = run_experiment(config, verbose=not args.quiet)
     except ConfigMismatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.quiet and result:
+        print(result_table(result))
     return 0
 
 

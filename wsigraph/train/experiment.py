@@ -46,7 +46,7 @@ from wsigraph.train.results import (format_comparison, format_table, read_predic
 from wsigraph.train.splits import (check_patient_disjoint, make_splits, read_splits, splits_equal,
                                    write_splits, find_split_files)
 
-__all__ = ["TRAIN_DEFAULTS", "RUN_DEFAULTS", "TRAINER_DEFAULTS", "load_experiment_config",
+__all__ = ["TRAIN_DEFAULTS", "RUN_DEFAULTS", "TRAINER_DEFAULTS", "load_experiment_config", "result_table",
            "resolve_config", "run_experiment", "cross_validate", "compare_models", "evaluate_run",
            "ConfigMismatchError"]
 
@@ -83,6 +83,7 @@ RUN_DEFAULTS: Dict[str, Any] = {
     "folds": 5,
     "splits": None,                  # directory of existing splits_{k}.csv (ours or CLAM's) to use
     "deterministic": False,          # deterministic algorithms (Trainer deterministic=True)
+    "num_threads": None,             # CPU threads of this process (torch.set_num_threads); None: unchanged
 }
 
 #: ``trainer`` section defaults (any other Trainer argument may be given).
@@ -96,7 +97,8 @@ TRAINER_DEFAULTS: Dict[str, Any] = {
 #: Keys that identify an experiment and are therefore not inherited through ``base:``.
 NOT_INHERITED = (("models",), ("run", "dir"))
 #: Settings that do not change results: a rerun may change them.
-IGNORED_IN_COMPARISON = (("trainer", "enable_progress_bar"), ("train", "num_workers"), ("data", "num_workers"))
+IGNORED_IN_COMPARISON = (("trainer", "enable_progress_bar"), ("train", "num_workers"), ("data", "num_workers"),
+                         ("run", "num_threads"))
 MAXIMISED = ("val_auc", "val_balanced_acc", "val_f1", "val_acc", "val_qwk")
 
 
@@ -219,9 +221,21 @@ def run_experiment(config: Mapping[str, Any], dataset=None, callbacks: Sequence 
                    verbose: bool = True) -> Dict[str, Any]:
     r"""Train what a config describes: :func:`compare_models` when it has a ``models`` list,
     else :func:`cross_validate`. Returns the summary (or the summaries by model)."""
+    threads = (config.get("run") or {}).get("num_threads")
+    if threads:
+        # Small per-slide tensors gain little from more threads, and on a shared machine an
+        # oversubscribed thread team makes every operator wait for a descheduled thread.
+        torch.set_num_threads(int(threads))
     if config.get("models"):
         return compare_models(config, dataset=dataset, callbacks=callbacks, verbose=verbose)
     return cross_validate(config, dataset=dataset, callbacks=callbacks, verbose=verbose)
+
+
+def result_table(result: Mapping[str, Any]) -> str:
+    r"""The printed table of what :func:`run_experiment` or :func:`evaluate_run` returned."""
+    if "mean" in result:
+        return format_table(result, f"{result.get('model', '')} ({result.get('run_dir', '')})")
+    return format_comparison(result)
 
 
 def _is_main_process() -> bool:

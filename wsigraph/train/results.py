@@ -86,10 +86,11 @@ def summary_rows(fold_results: Sequence[Mapping[str, Any]], pooled: Optional[Map
                  ordinal: bool) -> List[Dict[str, Any]]:
     r"""The rows of ``summary.csv`` from per-fold results (see the module docstring)."""
     names = metric_names(ordinal)
+    parts = ("test", "val") if any(result.get("val") for result in fold_results) else ("test",)
     rows = []
     for result in fold_results:
         row: Dict[str, Any] = {"folds": result["fold"]}
-        for part in ("test", "val"):
+        for part in parts:
             for name in names:
                 row[f"{part}_{name}"] = result.get(part, {}).get(name)
         for name in names:
