@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from wsigraph.data.dataset import SlideGraphDataset
-from wsigraph.transforms import graph_transform
 
 
 def _magnification_map(mapping: Optional[Mapping], what: str):
@@ -25,6 +24,8 @@ def dataset_from_config(config: Mapping[str, Any], progress: bool = True) -> Sli
     otherwise ``data.labels`` and ``data.features`` name the real files. Graphs are cached in
     ``{data.root}/graphs/<hash of the graph settings>``.
     """
+    from wsigraph.transforms import graph_transform  # transforms import wsigraph.data: import late
+
     data_config = dict(config.get("data", {}))
     root = Path(data_config.get("root", "data"))
     transform = graph_transform(config.get("graph"))
