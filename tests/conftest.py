@@ -45,3 +45,17 @@ def write_slide(tmp_path):
             dirs[mag] = directory
         return dirs
     return write
+
+
+def nested_levels(cols, rows, origin, drop, seed, dim, scales=((5, 1024), (10, 512), (20, 256))):
+    r"""In-memory levels of a slide: a 20x lattice (``drop`` removed) and its lower-level parents."""
+    from wsigraph.data.readers import SlideLevel
+    rng = np.random.default_rng(seed)
+    top = np.delete(lattice(origin, 256, cols, rows), list(drop), axis=0)
+    levels = []
+    for mag, size in scales:
+        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
+        coords = cells * size + np.asarray(origin)
+        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), dim)).astype(np.float32),
+                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    return levels

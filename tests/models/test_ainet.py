@@ -2,16 +2,14 @@ import copy
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch_geometric.data import Batch
 
-from conftest import lattice
+from conftest import nested_levels
 from wsigraph.config import load_config
 from wsigraph.data.graph import build_slide_graph
-from wsigraph.data.readers import SlideLevel
 from wsigraph.data.schema import REGION, adjacency_edge, node_batch, region_of_patch
 from wsigraph.models import build_model
 from wsigraph.models.ainet import predictor_graph
@@ -25,14 +23,7 @@ SLIDES = [(7, 5, (37, 11), [0, 5]), (4, 4, (0, 0), [7]), (3, 1, (300, 200), []),
 
 
 def make_slide(cols, rows, origin, drop, seed, label):
-    rng = np.random.default_rng(seed)
-    top = np.delete(lattice(origin, 256, cols, rows), drop, axis=0)
-    levels = []
-    for mag, size in ((10, 512), (20, 256)):
-        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
-        coords = cells * size + np.asarray(origin)
-        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), DIM)).astype(np.float32),
-                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    levels = nested_levels(cols, rows, origin, drop, seed, DIM, scales=((10, 512), (20, 256)))
     graph = build_slide_graph(levels, f"s{seed}", f"c{seed}", label=label)
     config = {"regions": {"strategy": "fixed_size", "region_size": REGION_SIZE}, "region_knn": 2}
     return graph_transform(config)(graph)

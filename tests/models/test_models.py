@@ -2,16 +2,14 @@ import copy
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 from torch_geometric.data import Batch
 
-from conftest import lattice
+from conftest import nested_levels
 from wsigraph.data.graph import build_slide_graph
-from wsigraph.data.readers import SlideLevel
 from wsigraph.data.schema import adjacency_edge, node_batch, num_slides, patch_levels
 from wsigraph.models import MODEL_REGISTRY, MILOutput, build_model
 from wsigraph.models.clam import smooth_top1_svm_loss
@@ -29,15 +27,7 @@ SLIDES = [(9, 7, (37, 11), [0, 5, 30]), (5, 4, (0, 0), [7]), (2, 1, (300, 200), 
 
 
 def make_slide(cols, rows, origin, drop, seed, label):
-    rng = np.random.default_rng(seed)
-    top = lattice(origin, 256, cols, rows)
-    top = np.delete(top, drop, axis=0)
-    levels = []
-    for mag, size in ((5, 1024), (10, 512), (20, 256)):
-        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
-        coords = cells * size + np.asarray(origin)
-        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), DIM)).astype(np.float32),
-                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    levels = nested_levels(cols, rows, origin, drop, seed, DIM)
     graph = build_slide_graph(levels, f"s{seed}", f"c{seed}", label=label)
     return graph_transform({"regions": {"strategy": "grid", "grid_size": 3}, "region_knn": 3})(graph)
 

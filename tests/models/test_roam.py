@@ -1,15 +1,13 @@
 import copy
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch
 
-from conftest import lattice
+from conftest import nested_levels
 from wsigraph.config import load_config
 from wsigraph.data.graph import build_slide_graph
-from wsigraph.data.readers import SlideLevel
 from wsigraph.data.schema import REGION, REGION_GRAPH, node_batch, region_of_patch
 from wsigraph.models import build_model
 from wsigraph.nn.functional import sinkhorn_log
@@ -24,14 +22,7 @@ SLIDES = [(10, 8, (40, 13), [0, 5, 33, 34]), (5, 4, (0, 0), [7]), (2, 1, (300, 2
 
 
 def make_slide(cols, rows, origin, drop, seed, label, grid_size=4, knn=4):
-    rng = np.random.default_rng(seed)
-    top = np.delete(lattice(origin, 256, cols, rows), drop, axis=0)
-    levels = []
-    for mag, size in ((5, 1024), (10, 512), (20, 256)):
-        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
-        coords = cells * size + np.asarray(origin)
-        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), DIM)).astype(np.float32),
-                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    levels = nested_levels(cols, rows, origin, drop, seed, DIM)
     graph = build_slide_graph(levels, f"s{seed}", f"c{seed}", label=label)
     config = {"regions": {"strategy": "grid", "grid_size": grid_size}, "region_knn": knn, "patch_grid": False}
     return graph_transform(config)(graph)
