@@ -47,11 +47,14 @@ def write_slide(tmp_path):
     return write
 
 
-def nested_levels(cols, rows, origin, drop, seed, dim, scales=((5, 1024), (10, 512), (20, 256))):
-    r"""In-memory levels of a slide: a 20x lattice (``drop`` removed) and its lower-level parents."""
+def nested_levels(cols, rows, origin, drop, seed, dim, scales=((5, 1024), (10, 512), (20, 256)), keep=None):
+    r"""In-memory levels of a slide: a lattice at the last scale (``drop`` removed, or each patch
+    kept with probability ``keep``) and its parents at the other scales."""
     from wsigraph.data.readers import SlideLevel
     rng = np.random.default_rng(seed)
-    top = np.delete(lattice(origin, 256, cols, rows), list(drop), axis=0)
+    top = np.delete(lattice(origin, scales[-1][1], cols, rows), list(drop), axis=0)
+    if keep is not None:
+        top = top[rng.random(len(top)) < keep]
     levels = []
     for mag, size in scales:
         cells = np.unique((top - np.asarray(origin)) // size, axis=0)

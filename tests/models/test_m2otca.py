@@ -1,13 +1,11 @@
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch
 
-from conftest import lattice
+from conftest import nested_levels
 from wsigraph.data.graph import build_slide_graph
-from wsigraph.data.readers import SlideLevel
 from wsigraph.data.schema import node_batch, patch_levels, region_of_patch, zoom_edge
 from wsigraph.models import build_model
 from wsigraph.models.m2otca import M2OTCA
@@ -21,15 +19,7 @@ MAGNIFICATIONS = ((5, 1024), (10, 512), (20, 256))
 
 
 def make_slide(cols, rows, origin, keep, seed, label, magnifications=MAGNIFICATIONS, num_regions=NUM_REGIONS):
-    rng = np.random.default_rng(seed)
-    top = lattice(origin, magnifications[-1][1], cols, rows)
-    top = top[rng.random(len(top)) < keep]
-    levels = []
-    for mag, size in magnifications:
-        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
-        coords = cells * size + np.asarray(origin)
-        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), DIM)).astype(np.float32),
-                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    levels = nested_levels(cols, rows, origin, (), seed, DIM, scales=magnifications, keep=keep)
     graph = build_slide_graph(levels, f"s{seed}", f"c{seed}", label=label)
     transform = graph_transform({"regions": {"strategy": "sequential", "num_regions": num_regions},
                                  "region_knn": 2, "patch_grid": False})

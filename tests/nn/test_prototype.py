@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-from conftest import lattice
+from conftest import nested_levels
 from wsigraph.data.graph import build_slide_graph
-from wsigraph.data.readers import SlideLevel
 from wsigraph.data.schema import node_batch, num_slides, patch_levels, region_of_patch
 from wsigraph.models.common import per_node_patch_size
 from wsigraph.nn import GradCAMWeights, PrototypeOTAlignment, RegionPrototypes
@@ -17,15 +16,7 @@ from wsigraph.transforms import graph_transform
 
 
 def irregular_slide(cols, rows, origin, keep, seed, num_regions, dim=4):
-    rng = np.random.default_rng(seed)
-    top = lattice(origin, 256, cols, rows)
-    top = top[rng.random(len(top)) < keep]
-    levels = []
-    for mag, size in ((5, 1024), (10, 512), (20, 256)):
-        cells = np.unique((top - np.asarray(origin)) // size, axis=0)
-        coords = cells * size + np.asarray(origin)
-        levels.append(SlideLevel(float(mag), rng.normal(size=(len(coords), dim)).astype(np.float32),
-                                 coords.astype(np.int64), float(size), f"{mag}x.h5"))
+    levels = nested_levels(cols, rows, origin, (), seed, dim, keep=keep)
     graph = build_slide_graph(levels, f"s{seed}", f"c{seed}", label=0)
     transform = graph_transform({"regions": {"strategy": "sequential", "num_regions": num_regions},
                                  "region_knn": 2, "patch_grid": False})
